@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from terrace._errors import BackendNotInstalledError
 
@@ -10,14 +10,17 @@ __all__ = ["require"]
 
 
 def require(package: str, extra: str) -> None:
-    """Raise :class:`BackendNotInstalledError` unless ``package`` can be imported.
+    """Import ``package``, or raise :class:`BackendNotInstalledError` naming the extra.
 
     Args:
         package: the top-level package to look for (``"torch"``, ``"flax"``).
         extra: the terrace extra that installs it (``"torch"``, ``"flax"``).
     """
-    if importlib.util.find_spec(package) is None:
+    try:
+        importlib.import_module(package)
+    except ImportError as error:
         raise BackendNotInstalledError(
-            f"terrace.{extra} needs the {package!r} package, which is not installed. "
-            f"Fix: pip install 'terrace[{extra}]' (or 'terrace[all]' for every backend)."
-        )
+            f"terrace.{extra} needs the {package!r} package, which could not be imported "
+            f"({error}). Fix: pip install 'terrace[{extra}]' (or 'terrace[all]' for every "
+            "backend)."
+        ) from error

@@ -18,6 +18,7 @@ from torch import nn
 
 from terrace._errors import StateError
 from terrace.torch._placement import ProbeMixin
+from terrace.torch._restore import LOAD_STRICT as _LOAD_STRICT
 
 __all__ = [
     "LazyBatchNorm1d",
@@ -51,6 +52,7 @@ class LazyLayer(ProbeMixin, nn.Module):
         self._init_probe(device, dtype)
         self._terrace_config = config
         self._terrace_pending: dict[str, torch.Tensor] = {}
+        self._terrace_restoring = False
         self._terrace_path = type(self).__name__
 
     def infer_sizes(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -71,15 +73,15 @@ class LazyLayer(ProbeMixin, nn.Module):
         sizes = self.infer_sizes(*args, **kwargs)
         layer = self.layer_class(**sizes, **self._terrace_config, **self._factory_kwargs)
         layer.train(self.training)
-        if self._terrace_pending:
+        if self._terrace_restoring:
             try:
-                layer.load_state_dict(self._terrace_pending)
+                layer.load_state_dict(self._terrace_pending, strict=self._terrace_strict)
             except RuntimeError as error:
                 raise StateError(
                     f"slot {self._terrace_path}: the state loaded before the first pass "
-                    f"does not fit the {type(layer).__name__} built from this input "
-                    f"({sizes}): {error}. Fix: load a checkpoint saved from a model that "
-                    "saw inputs of the same feature sizes."
+                    f"does not match the {type(layer).__name__} built from this input "
+                    f"({sizes}): {str(error).strip()} Fix: load a checkpoint saved from "
+                    "the same model code, run on inputs of the same feature sizes."
                 ) from error
         return layer
 
@@ -105,6 +107,8 @@ class LazyLayer(ProbeMixin, nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        self._terrace_restoring = True
+        self._terrace_strict = _LOAD_STRICT.get()
         for key, tensor in state_dict.items():
             if key.startswith(prefix):
                 self._terrace_pending[key[len(prefix) :]] = tensor

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextvars
 from sys import _getframe
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from terrace._errors import NotBuiltError, SlotNameError, StateError, TerraceError
+from terrace._errors import NotBuiltError, SlotNameError, TerraceError
 from terrace._make import make_method
 from terrace._slots import SlotRecord, SlotTable, check_slot_name
 from terrace.torch._lazy import LazyLayer
 from terrace.torch._placement import ProbeMixin, follow_probe
+from terrace.torch._restore import LOAD_STRICT, PendingState, loading
 
 __all__ = ["Module"]
 
@@ -23,9 +22,6 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _torch_call = nn.Module.__call__
 
-# Whether the load_state_dict call in progress was strict; torch passes
-# strict=True to every module's _load_from_state_dict whatever the caller asked.
-_LOAD_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("terrace_load_strict", default=True)
 
 
 class _ParamSlot:
@@ -60,7 +56,7 @@ class Module(ProbeMixin, nn.Module):
         super().__init__()
         self._init_probe()
         self._terrace_table = SlotTable(type(self).__name__)
-        self._terrace_pending: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._terrace_pending = PendingState()
 
     # -- passes ---------------------------------------------------------------
 
@@ -74,7 +70,7 @@ class Module(ProbeMixin, nn.Module):
             raise
         table.exit(slot_pass, ok=True)
         if self._terrace_pending and table.complete:
-            self._raise_unused_state()
+            self._terrace_pending.finish(table.owner, [r.name for r in table.records])
         return result
 
     def start_forward(self) -> None:
@@ -145,7 +141,8 @@ class Module(ProbeMixin, nn.Module):
         elif isinstance(module, LazyLayer):
             module._terrace_path = f"{self._terrace_table.owner}.{record.name}"
         self._register_slot(record, module, self.add_module)
-        self._restore_module(record.name, module)
+        if self._terrace_pending:
+            self._terrace_pending.take_module(self._terrace_table.owner, record.name, module)
         return module
 
     def _create_param(self, record: SlotRecord, args: tuple, kwargs: dict) -> nn.Parameter:
@@ -156,70 +153,19 @@ class Module(ProbeMixin, nn.Module):
             kwargs["init"](tensor)
         param = nn.Parameter(tensor, requires_grad=kwargs["requires_grad"])
         self._register_slot(record, param, self.register_parameter)
-        self._restore_param(record.name, param)
+        if self._terrace_pending:
+            self._terrace_pending.take_param(self._terrace_table.owner, record.name, param)
         return param
 
     def _register_slot(self, record: SlotRecord, value: Any, register: Callable[[str, Any], None]) -> None:
-        try:
-            register(record.name, value)
-        except KeyError as error:
+        name = record.name
+        if name in self._modules or name in self._parameters or name in self._buffers or hasattr(self, name):
             raise SlotNameError(
-                f"{self._terrace_table.owner}: slot name {record.name!r} is already an "
-                f"attribute of the module ({error}). Fix: pass another name= to make()."
-            ) from error
-
-    # -- restore on create ----------------------------------------------------
-
-    def _restore_module(self, name: str, module: nn.Module) -> None:
-        pending = self._terrace_pending
-        if not pending:
-            return
-        prefix = name + "."
-        keys = [k for k in pending if k.startswith(prefix)]
-        if not keys:
-            return
-        strict = all(pending[k][1] for k in keys)
-        state = {k[len(prefix) :]: pending.pop(k)[0] for k in keys}
-        try:
-            module.load_state_dict(state, strict=strict)
-        except RuntimeError as error:
-            raise StateError(
-                f"{self._terrace_table.owner}: the state loaded before the first pass does "
-                f"not fit slot {name}: {error}. Fix: load a checkpoint saved from the same "
-                "model code, or rename the keys to the current slot names."
-            ) from error
-
-    def _restore_param(self, name: str, param: nn.Parameter) -> None:
-        entry = self._terrace_pending.pop(name, None)
-        if entry is None:
-            return
-        tensor = entry[0]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise StateError(
-                f"{self._terrace_table.owner}: the state loaded before the first pass has "
-                f"shape {tuple(tensor.shape)} for parameter slot {name}, but this pass made "
-                f"it with shape {tuple(param.shape)}. Fix: load a checkpoint saved from a "
-                "model that saw inputs of the same sizes."
+                f"{self._terrace_table.owner}: slot name {name!r} is already an attribute "
+                f"of the module ({type(getattr(self, name)).__name__}), so the slot would "
+                "replace or hide it. Fix: pass another name= to make(), or rename the attribute."
             )
-        with torch.no_grad():
-            param.copy_(tensor)
-
-    def _raise_unused_state(self) -> None:
-        pending = self._terrace_pending
-        strict = any(s for _, s in pending.values())
-        keys = sorted(pending)
-        self._terrace_pending = {}
-        slots = [r.name for r in self._terrace_table.records]
-        message = (
-            f"{self._terrace_table.owner}: the first pass ended, but {len(keys)} loaded "
-            f"state entries match no slot: {', '.join(keys)}. The slots of this model are: "
-            f"{', '.join(slots) or 'none'}. The checkpoint was saved from a model with other "
-            "slots (a layer added, removed or renamed). Fix: load a matching checkpoint, or "
-            "rename its keys to the slot names above."
-        )
-        if strict:
-            raise StateError(message)
-        warnings.warn(message + " They were dropped because strict=False.", stacklevel=3)
+        register(name, value)
 
     # -- torch.nn.Module overrides ----------------------------------------------
 
@@ -275,15 +221,12 @@ class Module(ProbeMixin, nn.Module):
             super().zero_grad(set_to_none)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        token = _LOAD_STRICT.set(strict)
-        try:
+        with loading(strict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            _LOAD_STRICT.reset(token)
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, (tensor, _) in self._terrace_pending.items():
+        for key, tensor in self._terrace_pending.items():
             destination[prefix + key] = tensor
 
     def _load_from_state_dict(
@@ -305,12 +248,12 @@ class Module(ProbeMixin, nn.Module):
     def _keep_pending(self, state_dict: Any, prefix: str) -> dict[str, Any]:
         """Set aside the entries for slots that do not exist yet; return the rest."""
         known = set(self._modules) | set(self._parameters) | set(self._buffers)
-        strict = _LOAD_STRICT.get()
+        self._terrace_pending.activate(LOAD_STRICT.get())
         rest = {}
         for key, tensor in state_dict.items():
             local = key[len(prefix) :] if key.startswith(prefix) else None
             if local is None or local.split(".", 1)[0] in known or local == "_extra_state":
                 rest[key] = tensor
             else:
-                self._terrace_pending[local] = (tensor, strict)
+                self._terrace_pending.keep(local, tensor)
         return rest
