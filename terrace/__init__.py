@@ -18,7 +18,14 @@ from terrace._errors import (
     StateError as StateError,
     TerraceError as TerraceError,
 )
+from terrace._model import Model as Model
+from terrace._registry import (
+    get_backend as get_backend,
+    register_backend as register_backend,
+    register_layer as register_layer,
+)
 from terrace._slots import SlotRecord as SlotRecord, SlotTable as SlotTable
+from terrace import layers as layers, ops as ops
 
 if TYPE_CHECKING:
     from terrace.torch import (
@@ -53,6 +60,12 @@ _TORCH_NAMES = frozenset(
 
 __all__ = [
     "BackendNotInstalledError",
+    "Model",
+    "get_backend",
+    "layers",
+    "ops",
+    "register_backend",
+    "register_layer",
     "NotBuiltError",
     "SlotMismatchError",
     "SlotNameError",
@@ -64,7 +77,12 @@ __all__ = [
 ]
 
 
+_SUBMODULES = frozenset({"torch", "flax"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"terrace.{name}")
     if name in _TORCH_NAMES:
         value = getattr(importlib.import_module("terrace.torch"), name)
         globals()[name] = value
@@ -73,4 +91,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _TORCH_NAMES)
+    return sorted(set(globals()) | _TORCH_NAMES | _SUBMODULES)

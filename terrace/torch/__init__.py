@@ -17,6 +17,8 @@ from terrace.torch._lazy import (  # noqa: E402
     LazyMultiheadAttention as LazyMultiheadAttention,
 )
 from terrace.torch._module import Module as Module  # noqa: E402
+from terrace.torch._neutral import build as build  # noqa: E402
+from terrace.torch import _ops  # noqa: E402,F401  (registers terrace.ops for torch)
 
 __all__ = [
     "LazyBatchNorm1d",
@@ -30,4 +32,5 @@ __all__ = [
     "LazyLinear",
     "LazyMultiheadAttention",
     "Module",
+    "build",
 ]

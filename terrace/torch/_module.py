@@ -128,7 +128,9 @@ class Module(ProbeMixin, nn.Module):
     # -- slot creation --------------------------------------------------------
 
     def _terrace_create(self, record: SlotRecord, args: tuple, kwargs: dict) -> nn.Module:
-        module = record.cls(*args, **kwargs)
+        from terrace.torch._neutral import resolve_factory
+
+        module = resolve_factory(record.cls, args, kwargs)(*args, **kwargs)
         if not isinstance(module, nn.Module):
             raise TerraceError(
                 f"{self._terrace_table.owner}: make() must create a torch.nn.Module, but "

@@ -1,0 +1,174 @@
+"""Running a backend-neutral :class:`terrace.Model` on PyTorch.
+
+:func:`build` returns a ``torch.nn.Module`` whose ``forward`` is the neutral
+model's own ``forward``: the model's class is combined with
+:class:`terrace.torch.Module`, so ``self.make`` and ``self.start_forward``
+are the torch backend's and ``self.<config>`` reads the model's settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from terrace._errors import TerraceError
+from terrace._layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    MultiheadAttention,
+    NeutralLayer,
+)
+from terrace._model import Model, neutral_code
+from terrace._registry import register_layer, resolve_layer
+from terrace.ops import OP_NAMES
+from terrace.torch import _lazy
+
+__all__ = ["build", "resolve_factory"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_DISPATCH_FILES = (os.path.join(_TORCH_DIR, "overrides.py"), os.path.join(_TORCH_DIR, "_jit_internal.py"))
+_FUNCTIONAL_FILES = (os.path.join(_TORCH_DIR, "nn", "functional.py"), os.path.join(_TORCH_DIR, "functional.py"))
+
+
+def build(model: Model) -> nn.Module:
+    """Return a ``torch.nn.Module`` that runs ``model``'s ``forward``.
+
+    Args:
+        model: an instance of a :class:`terrace.Model` subclass.
+
+    Returns:
+        A :class:`terrace.torch.Module` whose slots are made on its first call.
+    """
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"terrace.torch.build expects a terrace.Model instance, got {type(model).__name__}. "
+            "Fix: a terrace.torch.Module subclass needs no build; instantiate it directly."
+        )
+    host = _host_class(type(model)).__new__(_host_class(type(model)))
+    _init_host(host, vars(model))
+    return host
+
+
+def _init_host(host: Any, config: dict[str, Any]) -> None:
+    from terrace.torch._module import Module
+
+    Module.__init__(host)
+    for key, value in config.items():
+        setattr(host, key, value)
+
+
+def _rebuild(neutral_cls: type) -> Any:
+    host_cls = _host_class(neutral_cls)
+    return host_cls.__new__(host_cls)
+
+
+@functools.cache
+def _host_class(neutral_cls: type) -> type:
+    from terrace.torch._module import Module
+
+    codes = neutral_code(neutral_cls)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._terrace_table.complete:
+            return Module.__call__(self, *args, **kwargs)
+        with _BackendCallGuard(neutral_cls.__name__, codes):
+            return Module.__call__(self, *args, **kwargs)
+
+    def __reduce_ex__(self: Any, protocol: int) -> Any:
+        return (_rebuild, (neutral_cls,), self.__dict__)
+
+    namespace = {
+        "__module__": neutral_cls.__module__,
+        "__qualname__": neutral_cls.__qualname__,
+        "__doc__": neutral_cls.__doc__,
+        "__call__": __call__,
+        "__reduce_ex__": __reduce_ex__,
+        "forward": neutral_cls.forward,
+        "strict": neutral_cls.strict,
+        "terrace_neutral_class": neutral_cls,
+    }
+    return type(neutral_cls.__name__, (Module, neutral_cls), namespace)
+
+
+def resolve_factory(cls: Any, args: tuple, kwargs: dict) -> Callable[..., Any]:
+    """Return what builds a slot of ``cls`` on torch: a neutral layer's torch
+    layer, a neutral model's built module, or ``cls`` itself."""
+    if isinstance(cls, type) and issubclass(cls, NeutralLayer):
+        cls.check_arguments(args, kwargs)
+        return resolve_layer(cls, "torch")
+    if isinstance(cls, type) and issubclass(cls, Model):
+        return lambda *a, **k: build(cls(*a, **k))
+    return cls
+
+
+class _BackendCallGuard(TorchFunctionMode):
+    """Raise when a neutral model's own code calls a torch function directly.
+
+    Active during the first pass only. Tensor methods and operators are
+    allowed (JAX arrays have them too); module-level torch functions called
+    from the model's source are not, because they would fail on other backends.
+    """
+
+    def __init__(self, model_name: str, codes: set[Any]) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.codes = codes
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        qualname = getattr(func, "__qualname__", "")
+        if not qualname.startswith(("Tensor.", "_TensorBase.", "TensorBase.")):
+            self._check_caller(func)
+        return func(*args, **(kwargs or {}))
+
+    def _check_caller(self, func: Any) -> None:
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code.co_filename in _DISPATCH_FILES:
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename in _FUNCTIONAL_FILES:
+            frame = frame.f_back
+        if frame is None or frame.f_code not in self.codes:
+            return
+        module = getattr(func, "__module__", None) or "torch"
+        shown = f"{module}.{getattr(func, '__name__', func)}"
+        name = getattr(func, "__name__", "")
+        if name in OP_NAMES:
+            fix = f"use terrace.ops.{name}"
+        else:
+            fix = "use terrace.ops (relu, gelu, softmax, ...) or the array namespace xp = terrace.ops.namespace(x)"
+        raise TerraceError(
+            f"{self.model_name}.forward calls {shown} at {frame.f_code.co_filename}:"
+            f"{frame.f_lineno}. A terrace.Model runs on every backend, so its forward "
+            f"cannot call torch functions directly. Fix: {fix}."
+        )
+
+
+_TORCH_LAYERS: dict[type, Callable[..., nn.Module]] = {
+    Linear: _lazy.LazyLinear,
+    LayerNorm: _lazy.LazyLayerNorm,
+    MultiheadAttention: _lazy.LazyMultiheadAttention,
+    Conv1d: _lazy.LazyConv1d,
+    Conv2d: _lazy.LazyConv2d,
+    Conv3d: _lazy.LazyConv3d,
+    BatchNorm1d: _lazy.LazyBatchNorm1d,
+    BatchNorm2d: _lazy.LazyBatchNorm2d,
+    BatchNorm3d: _lazy.LazyBatchNorm3d,
+    Embedding: nn.Embedding,
+    Dropout: nn.Dropout,
+}
+
+for _spec, _factory in _TORCH_LAYERS.items():
+    register_layer(_spec, "torch", _factory)
