@@ -9,8 +9,6 @@ torch. Slots of neutral layers are named after the neutral class
 (``Linear_0``) on every backend.
 """
 
-from __future__ import annotations
-
 import inspect
 from typing import Any
 
@@ -41,17 +39,17 @@ class NeutralLayer:
     :func:`terrace.register_layer`.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __new__(cls, *args: Any, **kwargs: Any) -> "NeutralLayer":
         raise TerraceError(
-            f"{type(self).__name__} is a neutral layer specification, not a layer. Fix: pass "
-            f"the class to make, as self.make({type(self).__name__}, ...), inside the forward "
+            f"{cls.__name__} is a neutral layer specification, not a layer. Fix: pass "
+            f"the class to make, as self.make({cls.__name__}, ...), inside the forward "
             "of a terrace.Model."
         )
 
     @classmethod
     def check_arguments(cls, args: tuple, kwargs: dict) -> None:
         """Raise ``TypeError`` naming the layer unless ``args`` fit its signature."""
-        signature = inspect.signature(cls.__init__)
+        signature = inspect.signature(cls.__init__).replace(return_annotation=inspect.Signature.empty)
         try:
             signature.bind(None, *args, **kwargs)
         except TypeError as error:

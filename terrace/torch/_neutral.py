@@ -130,7 +130,8 @@ class _BackendCallGuard(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         qualname = getattr(func, "__qualname__", "")
-        if not qualname.startswith(("Tensor.", "_TensorBase.", "TensorBase.")):
+        is_method = qualname.startswith(("Tensor.", "_TensorBase.", "TensorBase."))
+        if not is_method and getattr(func, "__name__", "") not in ("__get__", "__set__"):
             self._check_caller(func)
         return func(*args, **(kwargs or {}))
 
@@ -143,6 +144,10 @@ class _BackendCallGuard(TorchFunctionMode):
         if frame is None or frame.f_code not in self.codes:
             return
         module = getattr(func, "__module__", None) or "torch"
+        if module.startswith("torch._C._nn"):
+            module = "torch.nn.functional"
+        elif module.startswith("torch._C"):
+            module = "torch"
         shown = f"{module}.{getattr(func, '__name__', func)}"
         name = getattr(func, "__name__", "")
         if name in OP_NAMES:
