@@ -63,9 +63,11 @@ __all__ = [
     "Model",
     "get_backend",
     "layers",
+    "load",
     "ops",
     "register_backend",
     "register_layer",
+    "save",
     "NotBuiltError",
     "SlotMismatchError",
     "SlotNameError",
@@ -77,12 +79,15 @@ __all__ = [
 ]
 
 
-_SUBMODULES = frozenset({"torch", "flax"})
+_SUBMODULES = frozenset({"torch", "flax", "port"})
+_PORT_NAMES = frozenset({"save", "load"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"terrace.{name}")
+    if name in _PORT_NAMES:
+        return getattr(importlib.import_module("terrace.port"), name)
     if name in _TORCH_NAMES:
         value = getattr(importlib.import_module("terrace.torch"), name)
         globals()[name] = value
@@ -91,4 +96,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _TORCH_NAMES | _SUBMODULES)
+    return sorted(set(globals()) | _TORCH_NAMES | _SUBMODULES | _PORT_NAMES)

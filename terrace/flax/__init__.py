@@ -22,6 +22,8 @@ from terrace.flax._lazy import (  # noqa: E402
     LazyLinear as LazyLinear,
 )
 from terrace.flax._module import Module as Module  # noqa: E402
+from terrace.flax._neutral import build as build  # noqa: E402
+from terrace.flax import _ops  # noqa: E402,F401  (registers terrace.ops for JAX)
 
 __all__ = [
     "LazyBatchNorm1d",
@@ -36,4 +38,5 @@ __all__ = [
     "LazyMultiheadAttention",
     "Module",
     "TracedControlFlowError",
+    "build",
 ]

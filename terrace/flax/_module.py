@@ -188,7 +188,9 @@ class Module(nn.Module):
 
     @nn.nowrap
     def _build_slot(self, record: SlotRecord, args: tuple, kwargs: dict) -> nn.Module:
-        module = record.cls(*args, name=record.name, **kwargs)
+        from terrace.flax._neutral import resolve_factory
+
+        module = resolve_factory(record.cls, args, kwargs)(*args, name=record.name, **kwargs)
         if not isinstance(module, nn.Module):
             raise TerraceError(
                 f"{self._slot_table().owner}: make() must create a flax.linen.Module, but "
