@@ -20,8 +20,10 @@ def torch_slots(module: Any) -> dict[str, tuple[Converter, Any]]:
     Raises ``NotBuiltError`` for a layer that has not run yet, and
     ``StateError`` for state that no converter covers.
     """
-    from terrace.torch import LazyLayer
+    from terrace.torch import LazyLayer, Module
 
+    if isinstance(module, Module) and not module._terrace_table.complete:
+        module._require_built("terrace.port")
     slots: dict[str, tuple[Converter, Any]] = {}
     covered: list[str] = []
     for path, submodule in module.named_modules():
@@ -34,7 +36,7 @@ def torch_slots(module: Any) -> dict[str, tuple[Converter, Any]]:
                 "batch that reaches every slot first."
             )
         converter = converter_for_torch(submodule)
-        if converter is not None:
+        if converter is not None and submodule.state_dict():
             slots[path] = (converter, submodule)
             covered.append(path + ".")
     _check_covered(module, slots)
