@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
 
 demo: $(STAMP)
-	$(PY) examples/first_model.py
+	$(PY) examples/digits.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
