@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -11,7 +12,7 @@ import flax.linen as nn
 
 from terrace.flax._init import uniform_fan_in
 from terrace.flax._lazy import LazyLayer
-from terrace.flax._variables import default_float, lazy_param
+from terrace.flax._variables import LogicalAxes, check_logical_axes, default_float, lazy_param
 
 __all__ = ["LazyConv1d", "LazyConv2d", "LazyConv3d"]
 
@@ -49,11 +50,17 @@ class _LazyConv(LazyLayer):
     padding_mode: str = "zeros"
     device: Any = None
     dtype: Any = None
+    kernel_axes: LogicalAxes | None = dataclasses.field(default=None, kw_only=True)
+    bias_axes: LogicalAxes | None = dataclasses.field(default=None, kw_only=True)
 
     @nn.nowrap
     def _check_config(self) -> None:
         layer = type(self).__name__
         n = self.spatial_dims
+        spatial = tuple(f"kernel_size[{i}]" for i in range(n))
+        kernel_dims = (*spatial, "in_channels // groups", "out_channels")
+        check_logical_axes(layer, "kernel_axes", self.kernel_axes, kernel_dims)
+        check_logical_axes(layer, "bias_axes", self.bias_axes, ("out_channels",))
         for argument in ("kernel_size", "stride", "dilation"):
             value = getattr(self, argument)
             if min(_int_tuple(value, n, argument, layer)) < 1:
@@ -135,7 +142,13 @@ class _LazyConv(LazyLayer):
         if self.bias:
             fan_in = kernel.size // self.out_channels
             bias = lazy_param(
-                self, "bias", uniform_fan_in(fan_in), (self.out_channels,), kernel.dtype, ()
+                self,
+                "bias",
+                uniform_fan_in(fan_in),
+                (self.out_channels,),
+                kernel.dtype,
+                (),
+                self.bias_axes,
             )
             output = output + bias.reshape((1, -1) + (1,) * n)
         return output if input.ndim == n + 2 else output[0]
@@ -147,7 +160,8 @@ class _LazyConv(LazyLayer):
         shape = (*kernel_size, per_group, self.out_channels)
         init = uniform_fan_in(per_group * math.prod(kernel_size))
         sizes = [("in_channels // groups", self.spatial_dims)]
-        return lazy_param(self, "kernel", init, shape, default_float(self.dtype), sizes)
+        dtype = default_float(self.dtype)
+        return lazy_param(self, "kernel", init, shape, dtype, sizes, self.kernel_axes)
 
 
 class LazyConv1d(_LazyConv):
@@ -160,7 +174,10 @@ class LazyConv1d(_LazyConv):
     does. ``padding_mode`` ``'reflect'``, ``'replicate'`` or ``'circular'``
     pads the input first, like torch. The other arguments are those of
     ``torch.nn.Conv1d``. ``device`` must be None, and ``dtype`` is the
-    parameter dtype (see :class:`LazyLayer`).
+    parameter dtype (see :class:`LazyLayer`). The keyword-only
+    ``kernel_axes`` (3 names, one per kernel dimension) and
+    ``bias_axes`` (1 name) give the variables logical axis names, as on
+    :class:`LazyLinear`.
 
     Variables (``params``):
         - ``kernel``: ``(k_L, in_channels // groups, out_channels)``, linen's
@@ -181,7 +198,10 @@ class LazyConv2d(_LazyConv):
     end as torch does. ``padding_mode`` ``'reflect'``, ``'replicate'`` or
     ``'circular'`` pads the input first, like torch. The other arguments are
     those of ``torch.nn.Conv2d``. ``device`` must be None, and ``dtype`` is
-    the parameter dtype (see :class:`LazyLayer`).
+    the parameter dtype (see :class:`LazyLayer`). The keyword-only
+    ``kernel_axes`` (4 names, one per kernel dimension) and
+    ``bias_axes`` (1 name) give the variables logical axis names, as on
+    :class:`LazyLinear`.
 
     Variables (``params``):
         - ``kernel``: ``(k_H, k_W, in_channels // groups, out_channels)``,
@@ -203,7 +223,10 @@ class LazyConv3d(_LazyConv):
     end as torch does. ``padding_mode`` ``'reflect'``, ``'replicate'`` or
     ``'circular'`` pads the input first, like torch. The other arguments are
     those of ``torch.nn.Conv3d``. ``device`` must be None, and ``dtype`` is
-    the parameter dtype (see :class:`LazyLayer`).
+    the parameter dtype (see :class:`LazyLayer`). The keyword-only
+    ``kernel_axes`` (5 names, one per kernel dimension) and
+    ``bias_axes`` (1 name) give the variables logical axis names, as on
+    :class:`LazyLinear`.
 
     Variables (``params``):
         - ``kernel``: ``(k_D, k_H, k_W, in_channels // groups, out_channels)``,

@@ -15,6 +15,7 @@ to.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -22,7 +23,13 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from terrace.flax._init import uniform_fan_in
-from terrace.flax._variables import default_float, input_size, lazy_param
+from terrace.flax._variables import (
+    LogicalAxes,
+    check_logical_axes,
+    default_float,
+    input_size,
+    lazy_param,
+)
 
 __all__ = ["LazyLayer", "LazyLayerNorm", "LazyLinear"]
 
@@ -63,6 +70,14 @@ class LazyLinear(LazyLayer):
         bias: whether to learn an additive bias.
         device: must be None (see :class:`LazyLayer`).
         dtype: parameter dtype; None for JAX's default float type.
+        kernel_axes: keyword only; logical axis names of the kernel's two
+            dimensions, such as ``("embed", "mlp")``, or None. With names,
+            ``init`` returns the kernel boxed in ``nn.LogicallyPartitioned``
+            (see ``nn.with_logical_partitioning``), so ``nn.get_partition_spec``
+            and ``nn.logical_to_mesh_sharding`` can shard it. None, the
+            default, keeps the kernel a plain array.
+        bias_axes: keyword only; the logical axis name of the bias, as a
+            1-tuple such as ``("mlp",)``, or None. Unused when ``bias`` is False.
 
     Variables (``params``):
         - ``kernel``: ``(in_features, out_features)``, torch's ``weight`` transposed.
@@ -77,6 +92,15 @@ class LazyLinear(LazyLayer):
     bias: bool = True
     device: Any = None
     dtype: Any = None
+    kernel_axes: LogicalAxes | None = dataclasses.field(default=None, kw_only=True)
+    bias_axes: LogicalAxes | None = dataclasses.field(default=None, kw_only=True)
+
+    @nn.nowrap
+    def _check_config(self) -> None:
+        check_logical_axes(
+            "LazyLinear", "kernel_axes", self.kernel_axes, ("in_features", "out_features")
+        )
+        check_logical_axes("LazyLinear", "bias_axes", self.bias_axes, ("out_features",))
 
     @nn.compact
     def __call__(self, input: jax.Array) -> jax.Array:
@@ -84,10 +108,13 @@ class LazyLinear(LazyLayer):
         dtype = default_float(self.dtype)
         init = uniform_fan_in(in_features)
         kernel_shape = (in_features, self.out_features)
-        kernel = lazy_param(self, "kernel", init, kernel_shape, dtype, [("in_features", 0)])
+        kernel = lazy_param(
+            self, "kernel", init, kernel_shape, dtype, [("in_features", 0)], self.kernel_axes
+        )
         output = jnp.matmul(input, kernel)
         if self.bias:
-            output = output + lazy_param(self, "bias", init, (self.out_features,), dtype, ())
+            bias_shape = (self.out_features,)
+            output = output + lazy_param(self, "bias", init, bias_shape, dtype, (), self.bias_axes)
         return output
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from sys import _getframe
 from typing import Any, ClassVar, TypeVar
@@ -33,14 +34,18 @@ class _SlotState:
 
     Linen builds new submodule objects on every init and apply, so a nested
     terrace module cannot keep its own slot table. The table lives here, in
-    the parent's record, and each new child object gets it.
+    the parent's record, and each new child object gets it. Slots that hold
+    other linen modules leave it unused.
     """
 
     table: SlotTable | None = None
 
 
-def _new_slot_state(record: SlotRecord, args: tuple, kwargs: dict) -> _SlotState:
-    return _SlotState()
+def _new_slot_state(owner: str, record: SlotRecord, args: tuple, kwargs: dict) -> _SlotState:
+    # SlotTable.next calls this under the parent table's lock, so threads
+    # racing through the first pass get one child table per slot. Created
+    # later, on first use, each thread could make a table of its own.
+    return _SlotState(SlotTable(f"{owner}.{record.name}"))
 
 
 class Module(nn.Module):
@@ -175,7 +180,8 @@ class Module(nn.Module):
         """
         table = self._slot_table()
         _check_same_class_object(table, cls)
-        record = table.next(cls, args, kwargs, name, _getframe(1), _new_slot_state)
+        create = functools.partial(_new_slot_state, table.owner)
+        record = table.next(cls, args, kwargs, name, _getframe(1), create)
         return self._build_slot(record, args, kwargs)
 
     # -- slot objects ---------------------------------------------------------

@@ -22,7 +22,9 @@ from terrace._errors import StateError, TerraceError
 from terrace.flax._errors import slot_path
 
 __all__ = [
+    "LogicalAxes",
     "SizeAxes",
+    "check_logical_axes",
     "default_float",
     "input_size",
     "lazy_param",
@@ -34,6 +36,10 @@ __all__ = [
 # Pairs of (size name, axes of the variable that hold it), such as
 # ("in_features", 0) for a Linear kernel: used to name the size that changed.
 SizeAxes = Sequence[tuple[str, int | slice]]
+
+# One logical axis name per dimension of a variable, None for a dimension
+# that is not sharded: the names of nn.with_logical_partitioning.
+LogicalAxes = Sequence[str | None]
 
 
 def default_float(dtype: Any) -> Any:
@@ -49,6 +55,27 @@ def input_size(x: jax.Array, from_end: int, size_name: str, layer: nn.Module) ->
             f"{from_end} dimensions to read {size_name} from, got shape {tuple(x.shape)}."
         )
     return int(x.shape[-from_end])
+
+
+def check_logical_axes(layer: str, argument: str, axes: Any, dims: Sequence[str]) -> None:
+    """Raise ValueError unless ``axes`` is None or names one logical axis per entry of ``dims``.
+
+    ``dims`` names the variable's dimensions for the message, such as
+    ``("in_features", "out_features")`` for a Linear kernel.
+    """
+    if axes is None:
+        return
+    valid = (
+        isinstance(axes, (tuple, list))
+        and len(axes) == len(dims)
+        and all(name is None or isinstance(name, str) for name in axes)
+    )
+    if not valid:
+        raise ValueError(
+            f"{layer}: {argument} must be None or a tuple of {len(dims)} logical axis names "
+            f"(str, or None for a dimension that is not sharded), one per dimension "
+            f"({', '.join(dims)}), got {axes!r}."
+        )
 
 
 def _stored_shape(layer: nn.Module, col: str, name: str) -> tuple[int, ...] | None:
@@ -106,9 +133,18 @@ def lazy_param(
     shape: tuple[int, ...],
     dtype: Any,
     sizes: SizeAxes,
+    axes: LogicalAxes | None = None,
 ) -> jax.Array:
-    """Return the layer's parameter ``name``, created by ``init`` with ``shape`` on the first pass."""
+    """Return the layer's parameter ``name``, created by ``init`` with ``shape`` on the first pass.
+
+    With ``axes``, ``init`` stores the parameter boxed in
+    ``nn.LogicallyPartitioned`` with those logical axis names, as
+    ``nn.with_logical_partitioning`` does. The value returned here is the
+    plain array either way.
+    """
     _check_shape(layer, "params", name, shape, sizes)
+    if axes is not None:
+        init = nn.with_logical_partitioning(init, tuple(axes))
     return layer.param(name, init, shape, dtype)
 
 
