@@ -25,6 +25,7 @@ __all__ = [
     "Embedding",
     "LayerNorm",
     "Linear",
+    "LAZY_LAYER_NAMES",
     "MultiheadAttention",
     "NeutralLayer",
 ]
@@ -151,3 +152,19 @@ class Dropout(NeutralLayer):
     """Zeroes each element with probability ``p`` in training mode."""
 
     def __init__(self, p: float = 0.5) -> None: ...
+
+
+# The lazy layer each neutral layer becomes on a backend, by class name. Both
+# backends name their lazy layers the same way (terrace.torch.LazyLinear,
+# terrace.flax.LazyLinear), so one table serves every backend that does.
+LAZY_LAYER_NAMES: dict[type, str] = {
+    Linear: "LazyLinear",
+    LayerNorm: "LazyLayerNorm",
+    MultiheadAttention: "LazyMultiheadAttention",
+    Conv1d: "LazyConv1d",
+    Conv2d: "LazyConv2d",
+    Conv3d: "LazyConv3d",
+    BatchNorm1d: "LazyBatchNorm1d",
+    BatchNorm2d: "LazyBatchNorm2d",
+    BatchNorm3d: "LazyBatchNorm3d",
+}

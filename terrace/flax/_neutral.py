@@ -18,23 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from terrace._errors import TerraceError
-from terrace._layers import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Dropout,
-    Embedding,
-    LayerNorm,
-    Linear,
-    MultiheadAttention,
-    NeutralLayer,
-)
+from terrace._layers import LAZY_LAYER_NAMES, Dropout, Embedding, NeutralLayer
 from terrace._model import Model
 from terrace._registry import register_layer, resolve_layer
-from terrace.flax import _attention, _batchnorm, _conv, _lazy
 from terrace.flax._mode import resolve_training
 
 __all__ = ["build", "resolve_factory"]
@@ -150,19 +136,13 @@ class FlaxDropout(nn.Module):
         return nn.Dropout(rate=self.p, deterministic=deterministic)(x)
 
 
-_FLAX_LAYERS: dict[type, Callable[..., nn.Module]] = {
-    Linear: _lazy.LazyLinear,
-    LayerNorm: _lazy.LazyLayerNorm,
-    MultiheadAttention: _attention.LazyMultiheadAttention,
-    Conv1d: _conv.LazyConv1d,
-    Conv2d: _conv.LazyConv2d,
-    Conv3d: _conv.LazyConv3d,
-    BatchNorm1d: _batchnorm.LazyBatchNorm1d,
-    BatchNorm2d: _batchnorm.LazyBatchNorm2d,
-    BatchNorm3d: _batchnorm.LazyBatchNorm3d,
-    Embedding: FlaxEmbedding,
-    Dropout: FlaxDropout,
-}
+def _register_layers() -> None:
+    import terrace.flax as backend
 
-for _spec, _factory in _FLAX_LAYERS.items():
-    register_layer(_spec, "flax", _factory)
+    for spec, name in LAZY_LAYER_NAMES.items():
+        register_layer(spec, "flax", getattr(backend, name))
+    register_layer(Embedding, "flax", FlaxEmbedding)
+    register_layer(Dropout, "flax", FlaxDropout)
+
+
+_register_layers()

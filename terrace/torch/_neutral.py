@@ -18,24 +18,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from terrace._errors import TerraceError
-from terrace._layers import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Dropout,
-    Embedding,
-    LayerNorm,
-    Linear,
-    MultiheadAttention,
-    NeutralLayer,
-)
+from terrace._layers import LAZY_LAYER_NAMES, Dropout, Embedding, NeutralLayer
 from terrace._model import Model, neutral_code
 from terrace._registry import register_layer, resolve_layer
 from terrace.ops import OP_NAMES
-from terrace.torch import _lazy
 
 __all__ = ["build", "resolve_factory"]
 
@@ -161,19 +147,13 @@ class _BackendCallGuard(TorchFunctionMode):
         )
 
 
-_TORCH_LAYERS: dict[type, Callable[..., nn.Module]] = {
-    Linear: _lazy.LazyLinear,
-    LayerNorm: _lazy.LazyLayerNorm,
-    MultiheadAttention: _lazy.LazyMultiheadAttention,
-    Conv1d: _lazy.LazyConv1d,
-    Conv2d: _lazy.LazyConv2d,
-    Conv3d: _lazy.LazyConv3d,
-    BatchNorm1d: _lazy.LazyBatchNorm1d,
-    BatchNorm2d: _lazy.LazyBatchNorm2d,
-    BatchNorm3d: _lazy.LazyBatchNorm3d,
-    Embedding: nn.Embedding,
-    Dropout: nn.Dropout,
-}
+def _register_layers() -> None:
+    import terrace.torch as backend
 
-for _spec, _factory in _TORCH_LAYERS.items():
-    register_layer(_spec, "torch", _factory)
+    for spec, name in LAZY_LAYER_NAMES.items():
+        register_layer(spec, "torch", getattr(backend, name))
+    register_layer(Embedding, "torch", nn.Embedding)
+    register_layer(Dropout, "torch", nn.Dropout)
+
+
+_register_layers()
