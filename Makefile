@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-ci.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 demo: $(STAMP)
 	$(PY) examples/digits.py

@@ -81,7 +81,7 @@ class LazyMultiheadAttention(LazyLayer):
     ``is_causal`` is a hint, as in torch: it requires ``attn_mask``, which
     is the mask applied.
 
-    Args:
+    Attributes:
         num_heads: number of heads; it must divide ``embed_dim``.
         dropout: dropout probability on the attention weights in training mode.
         bias: whether the input and output projections have biases.

@@ -134,7 +134,7 @@ class LazyBatchNorm1d(_LazyBatchNorm):
     ``apply`` must pass ``mutable=['batch_stats']``. ``init`` leaves the
     statistics at zeros and ones, as linen's ``BatchNorm`` does.
 
-    Args:
+    Attributes:
         eps: added to the variance for numerical stability.
         momentum: weight of the batch statistics in the running update, or
             None for a cumulative moving average.

@@ -65,7 +65,7 @@ class LazyLinear(LazyLayer):
 
     Computes ``y = x @ kernel + bias``, torch's ``x @ weight.T + bias``.
 
-    Args:
+    Attributes:
         out_features: size of each output sample.
         bias: whether to learn an additive bias.
         device: must be None (see :class:`LazyLayer`).
@@ -127,7 +127,7 @@ class LazyLayerNorm(LazyLayer):
     with a large mean and a small spread accurate. Linen's ``LayerNorm``
     defaults to ``E[x^2] - E[x]^2`` and ``eps=1e-6`` instead.
 
-    Args:
+    Attributes:
         eps: added to the variance for numerical stability (torch's 1e-5).
         elementwise_affine: whether to learn a per-element scale and shift.
         bias: whether the affine part has a shift.
