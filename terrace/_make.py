@@ -23,17 +23,23 @@ def make_method(container: str) -> Callable[..., Any]:
     ``_terrace_create(record, args, kwargs)`` method that builds and registers
     a new slot's object. ``make`` returns ``getattr(owner, container)[name]``,
     so an object replaced in that mapping after creation is the one returned.
+
+    A backend may put a stand-in for the table in ``_terrace_table`` while a
+    tracer runs the pass, as the torch backend does under TorchDynamo. The
+    stand-in needs ``next`` and ``records_call_sites = False``, which keeps
+    ``make`` from reading the caller's frame. Its ``_local`` must have no
+    started pass (or no ``stack``), so that ``make`` skips the fast path,
+    which reads the frame only in a started strict pass.
     """
 
     def make(self: Any, cls: Any, /, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
         table = self._terrace_table
-        frame = _getframe(1)
         try:
             slot_pass = table._local.stack[-1]
             index = slot_pass.index
             record = table.records[index]
             if slot_pass.started and (
-                record.key == (cls, frame.f_code, frame.f_lasti, args, kwargs, name)
+                record.key == (cls, (frame := _getframe(1)).f_code, frame.f_lasti, args, kwargs, name)
                 if slot_pass.strict
                 else record.cls is cls
             ):
@@ -43,6 +49,7 @@ def make_method(container: str) -> Callable[..., Any]:
             # No pass in this thread, a slot not created yet, or an array
             # argument compared with a recorded number: take the full path.
             pass
+        frame = _getframe(1) if table.records_call_sites else None
         record = table.next(cls, args, kwargs, name, frame, self._terrace_create)
         return getattr(self, container)[record.name]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, ClassVar, Hashable
 
 from terrace._errors import SlotMismatchError, SlotNameError
 
@@ -136,7 +136,8 @@ def call_site_of(frame: Any) -> CallSite | None:
     if frame is None:
         return None
     code = frame.f_code
-    return CallSite(code.co_filename, frame.f_lineno, code.co_qualname)
+    # co_qualname exists from Python 3.11; 3.10 has only the bare function name.
+    return CallSite(code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name))
 
 
 def _describe(cls: Any, fp: Hashable, site: CallSite | None) -> str:
@@ -223,6 +224,11 @@ class SlotTable:
     Args:
         owner: name of the owning module, used in error messages.
     """
+
+    # Whether make() passes the caller's frame to next(). A stand-in table
+    # used while a tracer that cannot run sys._getframe traces the pass sets
+    # this to False, and then call sites are not checked.
+    records_call_sites: ClassVar[bool] = True
 
     def __init__(self, owner: str) -> None:
         self.owner = owner

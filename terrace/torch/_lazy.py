@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from terrace._errors import StateError
+from terrace.torch._compile import dynamo_tracing, run_lazy_layer_eagerly
 from terrace.torch._placement import ProbeMixin
 from terrace.torch._restore import LOAD_STRICT as _LOAD_STRICT
 
@@ -64,6 +65,8 @@ class LazyLayer(ProbeMixin, nn.Module):
         return f"{settings}, sizes inferred on first call"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if dynamo_tracing():
+            return run_lazy_layer_eagerly(LazyLayer.forward, self, args, kwargs)
         with _BUILD_LOCK:
             if isinstance(self, LazyLayer):
                 self._become(self._build(*args, **kwargs))
@@ -89,8 +92,11 @@ class LazyLayer(ProbeMixin, nn.Module):
         hooks = {k: v for k, v in self.__dict__.items() if "hooks" in k}
         state = dict(layer.__dict__)
         state.update(hooks)
-        self.__dict__.clear()
-        self.__dict__.update(state)
+        # Replace the attributes in one step, then the class. A thread that
+        # reads this layer meanwhile finds the lazy layer's attributes or the
+        # built ones, never a half-cleared dict, and its forward still waits
+        # on the lock above.
+        object.__setattr__(self, "__dict__", state)
         self.__class__ = type(layer)  # type: ignore[assignment]
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

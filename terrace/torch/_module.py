@@ -12,6 +12,13 @@ from torch import nn
 from terrace._errors import NotBuiltError, SlotNameError, TerraceError
 from terrace._make import make_method
 from terrace._slots import SlotRecord, SlotTable, check_slot_name
+from terrace.torch._compile import (
+    call_traced,
+    dynamo_tracing,
+    needs_eager_pass,
+    report_forward_traced,
+    run_eagerly,
+)
 from terrace.torch._lazy import LazyLayer
 from terrace.torch._placement import ProbeMixin, follow_probe
 from terrace.torch._restore import LOAD_STRICT, PendingState, loading
@@ -21,6 +28,7 @@ __all__ = ["Module"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _torch_call = nn.Module.__call__
+_call_impl = nn.Module._call_impl
 
 
 
@@ -61,6 +69,11 @@ class Module(ProbeMixin, nn.Module):
     # -- passes ---------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if dynamo_tracing():
+            # torch.compile or torch.export(strict=True) traces this call.
+            if needs_eager_pass(self):
+                return run_eagerly(Module.__call__, self, args, kwargs)
+            return call_traced(self, _torch_call, Module.__call__, args, kwargs)
         table = self._terrace_table
         slot_pass = table.enter(self.strict)
         try:
@@ -69,13 +82,40 @@ class Module(ProbeMixin, nn.Module):
             table.exit(slot_pass, ok=False)
             raise
         table.exit(slot_pass, ok=True)
-        if self._terrace_pending and table.complete:
+        if self._terrace_pending.active and table.complete:
             self._terrace_pending.finish(table.owner, [r.name for r in table.records])
         return result
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile this module's calls in place with ``torch.compile``.
+
+        Works like ``torch.nn.Module.compile`` and passes the arguments on to
+        ``torch.compile``. It compiles the traced pass of this module, so
+        ``make`` replays the slots as under ``torch.compile(module)``.
+        """
+        self._compiled_call_impl = torch.compile(self._call_compiled, *args, **kwargs)
+
+    def _call_compiled(self, *args: Any, **kwargs: Any) -> Any:
+        # Reached from __call__, which has opened an eager pass, through
+        # nn.Module._wrapped_call_impl; dynamo traces from here.
+        if dynamo_tracing():
+            if needs_eager_pass(self):
+                return run_eagerly(_call_impl, self, args, kwargs)
+            return call_traced(self, _call_impl, _call_impl, args, kwargs)
+        return self._call_impl(*args, **kwargs)
+
     def start_forward(self) -> None:
         """Begin a pass: the next :meth:`make` returns the first slot."""
-        self._terrace_table.start(self.strict)
+        table = self._terrace_table
+        if dynamo_tracing() and table.records_call_sites:
+            report_forward_traced(
+                TerraceError(
+                    f"{table.owner}: torch.compile traced forward without the module's "
+                    "__call__. Fix: compile the module, with torch.compile(model) or "
+                    "model.compile(), not model.forward."
+                )
+            )
+        table.start(self.strict)
 
     make = make_method("_modules")
     make.__doc__ = """Create ``cls(*args, **kwargs)`` on the first pass; return it on later passes.
@@ -117,12 +157,12 @@ class Module(ProbeMixin, nn.Module):
         Returns:
             The parameter, on the module's device and floating dtype.
         """
-        check_slot_name(self._terrace_table.owner, name)
+        table = self._terrace_table
+        check_slot_name(table.owner, name)
         shape = tuple(int(s) for s in shape)
         options = {"init": init, "requires_grad": requires_grad}
-        record = self._terrace_table.next(
-            _ParamSlot, (shape,), options, name, _getframe(1), self._create_param
-        )
+        frame = _getframe(1) if table.records_call_sites else None
+        record = table.next(_ParamSlot, (shape,), options, name, frame, self._create_param)
         return self._parameters[record.name]  # type: ignore[return-value]
 
     # -- slot creation --------------------------------------------------------
@@ -138,6 +178,7 @@ class Module(ProbeMixin, nn.Module):
                 "class, or use make_param() for a bare parameter."
             )
         follow_probe(module, self._terrace_probe)
+        module.train(self.training)
         if isinstance(module, Module):
             module._terrace_table.owner = f"{self._terrace_table.owner}.{record.name}"
         elif isinstance(module, LazyLayer):
