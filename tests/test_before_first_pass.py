@@ -152,3 +152,19 @@ def test_copies_before_and_after_first_pass(clone):
     copied = clone(built)
     assert torch.equal(copied(x), expected)
     assert copied.LazyLinear_0.weight is not built.LazyLinear_0.weight
+
+
+def test_eval_mode_before_first_pass_reaches_late_layers():
+    class WithDropout(ter.Module):
+        def forward(self, x):
+            self.start_forward()
+            h = self.make(ter.LazyLinear, 8)(x)
+            h = self.make(torch.nn.Dropout, 0.5)(h)
+            return self.make(ter.LazyBatchNorm1d)(h)
+
+    model = WithDropout().eval()
+    x = example()
+    first = model(x)
+    assert not any(module.training for module in model.modules())
+    assert torch.equal(model(x), first)
+    assert torch.equal(model.LazyBatchNorm1d_0.running_mean, torch.zeros(8))
