@@ -38,14 +38,20 @@ _PLAIN_TYPES = frozenset({int, float, str, bool, type(None)})
 
 @dataclass(frozen=True)
 class CallSite:
-    """Where a ``make`` call sits in the source: file, line and function."""
+    """Where a ``make`` call sits in the source: file, line, column and function.
+
+    ``column`` tells apart two calls on one line (``a if c else b``); it is
+    None where Python does not record columns (before 3.11).
+    """
 
     filename: str
     lineno: int
     function: str
+    column: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.filename}:{self.lineno} in {self.function}"
+        column = f":{self.column + 1}" if self.column is not None else ""
+        return f"{self.filename}:{self.lineno}{column} in {self.function}"
 
 
 @dataclass(eq=False)
@@ -112,6 +118,10 @@ class SlotRecord:
         site = self.call_site
         if site is None:
             return True
+        if self.code is not None:
+            # The same code object at another offset is another make call,
+            # even on the same line.
+            return frame.f_code is self.code and frame.f_lasti == self.offset
         if frame.f_lineno != site.lineno or frame.f_code.co_filename != site.filename:
             return False
         self.code = frame.f_code
@@ -136,8 +146,15 @@ def call_site_of(frame: Any) -> CallSite | None:
     if frame is None:
         return None
     code = frame.f_code
-    # co_qualname exists from Python 3.11; 3.10 has only the bare function name.
-    return CallSite(code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name))
+    # co_qualname and co_positions exist from Python 3.11.
+    function = getattr(code, "co_qualname", code.co_name)
+    column = None
+    if hasattr(code, "co_positions"):
+        positions = list(code.co_positions())
+        index = frame.f_lasti // 2
+        if 0 <= index < len(positions):
+            column = positions[index][2]
+    return CallSite(code.co_filename, frame.f_lineno, function, column)
 
 
 def _describe(cls: Any, fp: Hashable, site: CallSite | None) -> str:
@@ -446,9 +463,7 @@ class SlotTable:
             problem = f"class {class_name(cls)} instead of {class_name(record.cls)}"
         elif (name is not None or record.explicit_name) and name != record.name:
             problem = f"slot name {name!r} instead of {record.name!r}"
-        elif site is not None and record.call_site is not None and (
-            (site.filename, site.lineno) != (record.call_site.filename, record.call_site.lineno)
-        ):
+        elif frame is not None and not record._same_call_site(frame):
             problem = "another call site"
         else:
             problem = "other constructor arguments"

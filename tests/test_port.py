@@ -260,3 +260,20 @@ def test_plain_safetensors_file_is_rejected(tmp_path):
 def test_saving_never_run_model_raises(tmp_path):
     with pytest.raises(ter.StateError, match="has not run yet"):
         terrace.save(terrace.torch.build(MLP()), tmp_path / "x.safetensors")
+
+
+def test_torch_save_file_is_rejected(tmp_path):
+    path = tmp_path / "net.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(ter.StateError, match="could not be read as a safetensors file.*torch.load"):
+        terrace.load(path, terrace.torch.build(MLP()))
+
+
+def test_load_into_neutral_model_asks_to_build(tmp_path):
+    source = terrace.torch.build(MLP())
+    source(torch.ones(2, 5))
+    terrace.save(source, tmp_path / "mlp.safetensors")
+    with pytest.raises(TypeError, match=r"neutral model MLP itself.*terrace.torch.build\(MLP\(...\)\)"):
+        terrace.load(tmp_path / "mlp.safetensors", MLP())
+    with pytest.raises(TypeError, match="expects a torch module, a Flax module or Flax variables"):
+        terrace.load(tmp_path / "mlp.safetensors", object())

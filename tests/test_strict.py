@@ -1,5 +1,7 @@
 """Strict replay checks: every misuse raises a TerraceError naming the slot."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -271,3 +273,17 @@ def test_make_param_creates_and_reuses():
     assert list(model.state_dict()) == ["scale"]
     with pytest.raises(ter.SlotMismatchError, match="slot scale .* other constructor arguments"):
         model(torch.ones(2, 4, dtype=torch.float64))
+
+
+def test_branch_on_one_line_raises():
+    class OneLine(ter.Module):
+        def forward(self, x):
+            self.start_forward()
+            layer = self.make(ter.LazyLinear, 4) if x.mean() > 0 else self.make(ter.LazyLinear, 4)
+            return layer(x)
+
+    model = OneLine()
+    model(torch.ones(2, 3))
+    with pytest.raises(ter.SlotMismatchError, match=r"another call site") as info:
+        model(-torch.ones(2, 3))
+    assert len(set(re.findall(r"test_strict\.py:\d+:(\d+)", str(info.value)))) == 2

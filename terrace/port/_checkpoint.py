@@ -69,10 +69,17 @@ def _to_numpy(tree: Any) -> Any:
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the terrace header of a checkpoint, or raise if the file has none."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="np") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(os.fspath(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise StateError(
+            f"{os.fspath(path)} could not be read as a safetensors file ({error}), so it is not "
+            "a terrace checkpoint. Fix: write checkpoints with terrace.save(model_or_variables, "
+            "path); for a torch.save file, load it with torch.load and model.load_state_dict."
+        ) from error
     if "terrace" not in metadata:
         raise StateError(
             f"{os.fspath(path)} is not a terrace checkpoint (its safetensors metadata has no "
@@ -101,12 +108,31 @@ def load(path: str | os.PathLike[str], target: Any, *example_inputs: Any) -> Any
     """
     from safetensors.numpy import load_file
 
+    _check_target(target)
     header = read_header(path)
     tensors = load_file(os.fspath(path))
     slots = {slot: _slot_tensors(tensors, slot, info) for slot, info in header["slots"].items()}
     if _is_torch_module(target):
         return _load_torch(slots, header, target)
     return _load_flax(slots, header, target, example_inputs)
+
+
+def _check_target(target: Any) -> None:
+    from terrace._model import Model
+
+    if _is_torch_module(target) or hasattr(target, "init") or hasattr(target, "items"):
+        return
+    if isinstance(target, Model):
+        name = type(target).__name__
+        raise TypeError(
+            f"terrace.load cannot load into the neutral model {name} itself, which only "
+            f"describes the network. Fix: build it first, terrace.load(path, "
+            f"terrace.torch.build({name}(...))) or terrace.load(path, terrace.flax.build({name}(...)))."
+        )
+    raise TypeError(
+        f"terrace.load expects a torch module, a Flax module or Flax variables as its "
+        f"target, got {type(target).__name__}."
+    )
 
 
 def _slot_tensors(tensors: dict[str, np.ndarray], slot: str, info: dict[str, Any]) -> dict[str, np.ndarray]:

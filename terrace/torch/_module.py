@@ -252,7 +252,7 @@ class Module(ProbeMixin, nn.Module):
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        self._require_built("parameters()")
+        self._require_built("named_parameters()")
         return super().named_parameters(prefix, recurse, remove_duplicate)
 
     def apply(self: ModuleT, fn: Callable[[nn.Module], None]) -> ModuleT:
