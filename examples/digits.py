@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train(first, digits, args.epochs, rng, history)
     first_logits = first.logits(digits.test_images)
     accuracies = {"trained": accuracy(first_logits, digits.test_labels)}
-    print(f"{first_name} test accuracy after {args.epochs} epochs: {accuracies['trained']:.4f}")
+    unit = "epoch" if args.epochs == 1 else "epochs"
+    print(f"{first_name} test accuracy after {args.epochs} {unit}: {accuracies['trained']:.4f}")
 
     # 2. Port the weights and evaluate on the second backend; both in evaluation mode.
     second = RUNNERS[second_name](args.seed)
