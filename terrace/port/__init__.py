@@ -1,7 +1,7 @@
 """Moving weights between PyTorch and Flax, and portable checkpoints.
 
 ``torch_to_flax`` and ``flax_to_torch`` match slots by their canonical names
-and convert each with the converter of its layer kind; anything that cannot
+and convert each with the converter of its layer kind. Anything that cannot
 be ported exactly raises an error naming the slot. ``save`` and ``load``
 write and read one safetensors file that either backend can load.
 """

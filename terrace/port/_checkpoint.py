@@ -1,6 +1,6 @@
 """Portable checkpoints: one safetensors file that either backend can load.
 
-The file holds each slot's tensors in the torch layout under
+The file contains each slot's tensors in the torch layout under
 ``<slot path>.<name>`` keys, and a JSON header (the safetensors metadata
 entry ``terrace``) giving each slot's kind and tensor shapes. Loading reads
 the header first and checks slot names, kinds and shapes against the target

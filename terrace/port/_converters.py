@@ -25,7 +25,7 @@ Tree = dict[str, Any]
 
 @dataclass
 class Converter:
-    """How one layer kind maps between torch and Flax.
+    """The mapping of one layer kind between torch and Flax.
 
     Attributes:
         kind: the kind's name, stored in checkpoint headers (``"linear"``).
