@@ -26,7 +26,7 @@ class SlotMismatchError(TerraceError):
 
     Raised when a replayed ``make`` has another class, other constructor
     arguments or another call site than the slot it lands on, when a pass
-    asks for more slots than exist, when a pass ends having used fewer, and
+    requests more slots than exist, when a pass ends having used fewer, and
     when ``make`` runs before ``start_forward``.
     """
 

@@ -4,7 +4,7 @@ A neutral layer is a class passed to ``make``: ``self.make(layers.Linear, 64)``.
 Each backend resolves it to its own layer through the registry
 (:func:`terrace.register_layer`), so one model source runs on every backend.
 The constructor arguments are those of the torch layer of the same name,
-minus the sizes read from the first input; inputs are channels-first, as in
+minus the sizes read from the first input. Inputs are channels-first, as in
 torch. Slots of neutral layers are named after the neutral class
 (``Linear_0``) on every backend.
 """

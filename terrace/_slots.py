@@ -40,7 +40,7 @@ _PLAIN_TYPES = frozenset({int, float, str, bool, type(None)})
 class CallSite:
     """Where a ``make`` call sits in the source: file, line, column and function.
 
-    ``column`` tells apart two calls on one line (``a if c else b``); it is
+    ``column`` distinguishes two calls on one line (``a if c else b``); it is
     None where Python does not record columns (before 3.11).
     """
 
@@ -56,7 +56,7 @@ class CallSite:
 
 @dataclass(eq=False)
 class SlotRecord:
-    """What the first pass recorded about one slot.
+    """The record the first pass keeps for one slot.
 
     Attributes:
         ordinal: position of the slot in the pass, from 0.
@@ -100,7 +100,7 @@ class SlotRecord:
             self.key = (self.cls, self.code, self.offset, self.raw_args, self.raw_kwargs, explicit)
 
     def matches(self, args: tuple, kwargs: dict, name: str | None, frame: Any) -> bool:
-        """Whether a replayed ``make`` has this slot's arguments, name and call site."""
+        """Return whether a replayed ``make`` has this slot's arguments, name and call site."""
         if frame is not None and not (frame.f_code is self.code and frame.f_lasti == self.offset):
             if not self._same_call_site(frame):
                 return False
@@ -194,7 +194,7 @@ def fingerprint(args: tuple, kwargs: dict) -> Hashable:
 
     Plain values (numbers, strings, tuples of them) are kept as they are;
     arrays are reduced to shape and dtype, and other objects to their type,
-    so a fingerprint never holds a tensor.
+    so a fingerprint never contains a tensor.
     """
     if _all_plain(args):
         positional: tuple = args

@@ -13,7 +13,7 @@ from neutral_models import MLP, SmallCNN, TransformerBlock
 
 
 class Layers(ter.Module):
-    """Every torch layer kind the port registry knows, reached through make."""
+    """Every torch layer kind in the port registry, reached through make."""
 
     def forward(self, x, tokens):
         self.start_forward()

@@ -4,7 +4,7 @@ Each lazy layer stores its constructor arguments. On its first call it builds
 the matching torch layer (``nn.Linear`` for :class:`LazyLinear`, and so on)
 with the sizes of that input, takes over the built layer's state and class,
 and runs it. From then on the object *is* that torch layer: no wrapper level
-and no extra cost per call. ``isinstance(layer, torch.nn.Linear)`` holds
+and no extra cost per call. ``isinstance(layer, torch.nn.Linear)`` is true
 after the first call; ``state_dict()`` keys are those of the torch layer.
 """
 

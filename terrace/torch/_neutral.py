@@ -105,8 +105,8 @@ class _BackendCallGuard(TorchFunctionMode):
     """Raise when a neutral model's own code calls a torch function directly.
 
     Active during the first pass only. Tensor methods and operators are
-    allowed (JAX arrays have them too); module-level torch functions called
-    from the model's source are not, because they would fail on other backends.
+    allowed, because JAX arrays have them too. Module-level torch functions
+    called from the model's source are not, because they would fail on other backends.
     """
 
     def __init__(self, model_name: str, codes: set[Any]) -> None:

@@ -1,7 +1,7 @@
 """Device and dtype tracking for modules whose parameters do not exist yet.
 
 ``model.to(device)``, ``.half()`` and ``.double()`` convert the tensors a
-module holds. A terrace module holds few tensors before its first pass, so it
+module holds. A terrace module has few tensors before its first pass, so it
 keeps an empty *probe* tensor that receives every conversion; submodules and
 parameters created later take the probe's device and floating dtype.
 """

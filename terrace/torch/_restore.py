@@ -2,7 +2,7 @@
 
 ``load_state_dict`` on a never-run terrace module cannot copy tensors into
 submodules that ``forward`` has not made yet. The entries are kept in a
-:class:`PendingState`; each is applied when its slot is created, and the end
+:class:`PendingState`, and each is applied when its slot is created. The end
 of the first pass reports, slot by slot, entries that matched no slot and
 slots that received no entry. Nothing is dropped silently.
 """
